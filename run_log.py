@@ -10,8 +10,8 @@ This module imports only the standard library, so plotting works without TensorF
 
 import json
 import math
+import itertools
 import os
-import tempfile
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +37,7 @@ EPOCH_KEYS = ("epoch", "train_loss", "val_accuracy", "seconds")
 
 # Suffix of the temporary files `write_log` creates. Readers that glob "*.json" never match it.
 TEMP_SUFFIX = ".json.tmp"
+_temp_counter = itertools.count()
 
 
 class LogError(ValueError):
@@ -91,9 +92,12 @@ def write_json_atomic(path, value):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     text = json.dumps(to_strict_json(value), indent=2, allow_nan=False) + "\n"
-    handle, temp_path = tempfile.mkstemp(
-        dir=folder, prefix="." + os.path.basename(path) + ".", suffix=TEMP_SUFFIX
+    temp_path = os.path.join(
+        folder, f".{os.path.basename(path)}.{os.getpid()}.{next(_temp_counter)}{TEMP_SUFFIX}"
     )
+    # os.open with mode 0o666 lets the umask decide the permissions, as open() would; mkstemp
+    # would make the log readable by its owner only.
+    handle = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
             temp_file.write(text)

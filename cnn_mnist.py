@@ -17,6 +17,7 @@ import argparse
 import collections
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -679,6 +680,8 @@ def parse_config(argv=None):
 def main(argv=None):
     """Run one training from the command line; return the process exit status."""
     config = parse_config(argv)
+    # mnist_data reports downloads through logging.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         log = run(config, output=config["output"])
     except DeviceUnavailableError as error:

@@ -10,8 +10,18 @@ REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_DIR) not in sys.path:
     sys.path.insert(0, str(REPO_DIR))
 
-# The real MNIST files: $MNIST_DATA_DIR, else a read-only copy next to the repository.
-MNIST_DIR = pathlib.Path(os.environ.get("MNIST_DATA_DIR") or REPO_DIR.parent / "shared" / "mnist")
+
+
+def find_mnist_dir():
+    """Return $MNIST_DATA_DIR, else the shared read-only copy beside the repository if it
+    exists, else the repository's own data/mnist (where the scripts download to)."""
+    if os.environ.get("MNIST_DATA_DIR"):
+        return pathlib.Path(os.environ["MNIST_DATA_DIR"])
+    shared = REPO_DIR.parent / "shared" / "mnist"
+    return shared if shared.is_dir() else REPO_DIR / "data" / "mnist"
+
+
+MNIST_DIR = find_mnist_dir()
 
 
 @pytest.fixture(scope="session")

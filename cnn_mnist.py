@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Hide TensorFlow's start-up chatter.
@@ -569,6 +570,12 @@ def train_loop(session, model, data, config, log, save_log, writer=None):
             )
             log["status"] = "diverged"
             log["diverged_at_epoch"] = epoch
+            if writer:
+                # TensorBoard plots the non-finite loss, so the divergence shows there too.
+                writer.add_summary(tf.compat.v1.Summary(value=[
+                    tf.compat.v1.Summary.Value(tag="train_loss", simple_value=loss),
+                ]), epoch)
+                writer.flush()
             print(f"diverged: epoch {epoch} train_loss {loss}; stopping this run", flush=True)
             return
 
@@ -677,11 +684,28 @@ def parse_config(argv=None):
     return vars(args)
 
 
+def find_output_problem(output):
+    """Return why the run log cannot be written to `output`, or None when it can."""
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return (f"cannot write the run log {output!r} in {folder!r} ({error.strerror}). "
+                "Choose another --output or fix the folder's permissions.")
+    return None
+
+
 def main(argv=None):
     """Run one training from the command line; return the process exit status."""
     config = parse_config(argv)
     # mnist_data reports downloads through logging.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    problem = find_output_problem(config["output"])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         log = run(config, output=config["output"])
     except DeviceUnavailableError as error:
@@ -690,6 +714,12 @@ def main(argv=None):
     except mnist_data.MnistDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = ("resume from the last checkpoint" if config["checkpoint_dir"]
+                 else "train it again")
+        print(f"interrupted: the run stopped before it finished. Run the same command again "
+              f"to {again}.", file=sys.stderr)
+        return 130
     print(f"log: {config['output']}")
     # A diverged run is a result, not an error: exit 0 so that a sweep carries on.
     return 0 if log["status"] in run_log.FINAL_STATUSES else 1

@@ -1,8 +1,8 @@
 """Draw the figures and tables of the 2017 lab report from the JSON run logs.
 
 Reproduces Figures 1-3 and Tables 1-2 of "Deep Learning Lab Course 2017 - Exercise 2" from the
-run logs (format in run_log.py). It imports only the standard library, NumPy, Matplotlib and
-run_log, so it works on a machine without TensorFlow.
+run logs (format in run_log.py). It imports only the standard library, NumPy, Matplotlib,
+run_log and cli, so it works on a machine without TensorFlow.
 
     python plot_results.py
     python plot_results.py --results-dir results/ --output-dir results/figures/ --log-log
@@ -33,6 +33,7 @@ matplotlib.use("Agg", force=True)
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cli import bounded_int  # noqa: E402
 from run_log import LogError, read_log  # noqa: E402
 
 # Test accuracy after 2000 epochs with 16 filters, from Table 1 of the report.
@@ -41,6 +42,7 @@ REPORT_TEST_ACCURACY = {0.1: 0.9912, 0.01: 0.9862, 0.001: 0.9848, 0.0001: 0.9811
 # Trainable parameters per number of filters in each convolutional layer, from Table 2 of the report.
 REPORT_NUM_PARAMS = {8: 52258, 16: 104250, 32: 211690, 64: 440394, 128: 953098, 256: 2199690}
 
+MAX_EPOCHS = 1_000_000  # The same limit as cnn_mnist.py's --epochs.
 IGNORED_FOLDERS = ("figures", "checkpoints")
 INCOMPLETE_STATUSES = ("running", "failed")
 MISSING = "n/a"
@@ -63,12 +65,12 @@ def parse_arguments(argv):
     parser.add_argument("--output-dir", default=None,
                         help="folder for the figures and tables "
                              "(default: figures/ inside --results-dir, so results/figures/)")
-    parser.add_argument("--zoom-epochs", type=int, default=350,
+    parser.add_argument("--zoom-epochs", type=bounded_int(1, MAX_EPOCHS), default=350,
                         help="last epoch shown in Figure 2, in epochs (default: %(default)s)")
     parser.add_argument("--zoom-accuracy", type=float, nargs=2, default=[0.8, 1.0],
                         metavar=("MIN", "MAX"),
                         help="validation accuracy range of Figure 2, as fractions (default: 0.8 1.0)")
-    parser.add_argument("--full-epochs", type=int, default=None,
+    parser.add_argument("--full-epochs", type=bounded_int(1, MAX_EPOCHS), default=None,
                         help="last epoch shown in Figure 1, in epochs (default: all epochs)")
     parser.add_argument("--log-log", action="store_true",
                         help="draw Figure 3 with logarithmic axes (default: linear axes)")
@@ -79,8 +81,8 @@ def parse_arguments(argv):
                      "Run the experiments first, or pass the folder that contains their logs.")
     if args.output_dir is None:
         args.output_dir = os.path.join(args.results_dir, "figures")
-    if args.zoom_epochs < 1 or (args.full_epochs is not None and args.full_epochs < 1):
-        parser.error("--zoom-epochs and --full-epochs must be at least 1")
+    if not all(0 <= value <= 1 for value in args.zoom_accuracy):
+        parser.error(f"--zoom-accuracy takes two fractions from 0 to 1, got {args.zoom_accuracy}")
     if args.zoom_accuracy[0] >= args.zoom_accuracy[1]:
         parser.error(f"--zoom-accuracy MIN must be below MAX, got {args.zoom_accuracy}")
     return args
@@ -500,7 +502,12 @@ def main(argv=None):
         print(summary)
         return 0
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as error:
+        print(f"error: cannot create the output folder {args.output_dir!r} ({error.strerror}). "
+              "Choose another --output-dir.", file=sys.stderr)
+        return 1
     written = []
     if runs["learning_rate"]:
         written += write_lr_outputs(runs["learning_rate"], skipped_runs["learning_rate"], args)

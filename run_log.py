@@ -125,6 +125,14 @@ def _reject_constant(name):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _parse_finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        # Python reads a literal such as 1e999 as infinity.
+        raise ValueError(f"number {text} is out of the float range")
+    return value
+
+
 def read_log(path):
     """Read and validate one run log, raising LogError with the reason if it is unusable."""
     try:
@@ -139,9 +147,13 @@ def read_log(path):
     try:
         # Python's json accepts NaN and Infinity by default. Other tools write them; we reject
         # them here so that a log is either strict JSON or reported.
-        log = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as error:
+        log = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_finite_float)
+    except json.JSONDecodeError as error:
         raise LogError(path, f"not valid JSON, perhaps truncated ({error})") from None
+    except ValueError as error:
+        raise LogError(path, f"not strict JSON ({error})") from None
+    except RecursionError:
+        raise LogError(path, "not a run log: its JSON is nested too deeply to read") from None
     problem = find_shape_problem(log)
     if problem:
         raise LogError(path, problem)

@@ -8,6 +8,7 @@ of the same command skips finished runs and resumes an interrupted one from its 
     python run_lr_experiment.py --epochs 10                  # a demo, about 15 min on 2 cores
     python run_lr_experiment.py --seeds 0 1 2 --device gpu   # the report's 2000 epochs
     python plot_results.py                                   # Figures 1 and 2, Table 1
+    python run_lr_experiment.py --seeds 0 1 2 --dry-run      # list what would be trained
 
 Writes: results/lr/lr<rate>_f<filters>_seed<seed>.json, checkpoints under results/lr/checkpoints/
 while a run trains.
@@ -62,20 +63,13 @@ def plan_runs(args):
 
 def main(argv=None):
     """Run the learning-rate sweep from the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
-    sweep.check_results_dir(args.results_dir)
-    runs = plan_runs(args)
-    sweep.announce(runs, args.train_size, args.seeds)
-
-    def body():
-        results = sweep.run_sweep(runs, args.force, args.keep_checkpoints, args.tensorboard_dir)
-        sweep.print_summary(results, {
-            "learning rate": lambda run, log: sweep.format_number(run.config["learning_rate"]),
-            "seed": lambda run, log: run.config["seed"],
-        })
-        return sweep.exit_status(results)
-
-    return sweep.main_wrapper(body)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sweep.check_arguments(parser, args)
+    return sweep.run_command(args, plan_runs(args), {
+        "learning rate": lambda run, log: sweep.format_number(run.config["learning_rate"]),
+        "seed": lambda run, log: run.config["seed"],
+    })
 
 
 if __name__ == "__main__":

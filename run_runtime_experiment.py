@@ -70,25 +70,15 @@ def plan_runs(args):
 
 def main(argv=None):
     """Run the runtime sweep from the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
-    sweep.check_results_dir(args.results_dir)
-    runs = plan_runs(args)
-    sweep.announce(runs, args.train_size, args.seeds)
-
-    def body():
-        results = sweep.run_sweep(runs, args.force, args.keep_checkpoints, args.tensorboard_dir)
-        sweep.print_summary(results, {
-            "device": lambda run, log: run.device,
-            "filters": lambda run, log: run.filters,
-            "seed": lambda run, log: run.config["seed"],
-            "s/epoch": lambda run, log: format_epoch_seconds(log),
-        })
-        skipped = [run.name for run, status, _, _ in results if status == "skipped"]
-        if skipped:
-            print(f"\nskipped (device not available): {', '.join(skipped)}")
-        return sweep.exit_status(results)
-
-    return sweep.main_wrapper(body)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sweep.check_arguments(parser, args)
+    return sweep.run_command(args, plan_runs(args), {
+        "device": lambda run, log: run.device,
+        "filters": lambda run, log: run.filters,
+        "seed": lambda run, log: run.config["seed"],
+        "s/epoch": lambda run, log: format_epoch_seconds(log),
+    })
 
 
 def format_epoch_seconds(log):

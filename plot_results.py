@@ -312,9 +312,12 @@ def write_lr_figures(groups, args):
         title += "\nline: mean over seeds, band: min to max"
 
     written = []
+    # Runs shorter than the zoom window are drawn over their own length, not over empty space.
+    longest = max(len(log["epochs"]) for logs in groups.values() for log in logs)
     views = (
         ("figure1_lr_validation_accuracy", args.full_epochs, None),
-        ("figure2_lr_validation_accuracy_zoom", args.zoom_epochs, args.zoom_accuracy),
+        ("figure2_lr_validation_accuracy_zoom", min(args.zoom_epochs, max(longest, 1)),
+         args.zoom_accuracy),
     )
     for stem, last_epoch, accuracy_range in views:
         figure, axes = plt.subplots(figsize=(7, 4.5))

@@ -302,6 +302,11 @@ def plot_lr_curves(axes, groups, last_epoch):
         axes.plot([], [], "x", color="gray", label="last validation accuracy before divergence")
 
 
+def first_sentence(text):
+    """Return the first sentence of a skip reason; the run log keeps the whole of it."""
+    return text.split(". ")[0].rstrip(".")
+
+
 def write_lr_figures(groups, args):
     """Write Figure 1 (all epochs, or --full-epochs) and Figure 2 (the zoomed view)."""
     settings = sorted({(key[0], key[1]) for key in groups})
@@ -384,7 +389,7 @@ def write_lr_outputs(logs, skipped_runs, args):
     for log in skipped_runs:
         config = log["config"]
         notes.append(f"learning rate {config.get('learning_rate')}, seed {config.get('seed')}: "
-                     f"skipped ({log.get('skip_reason') or 'no reason given'})")
+                     f"skipped ({first_sentence(log.get('skip_reason') or 'no reason given')})")
     return written + write_table(args.output_dir, "table1_lr_test_accuracy", TABLE1_COLUMNS, rows,
                                  intro, notes)
 
@@ -484,7 +489,7 @@ def write_runtime_outputs(logs, skipped_runs, args):
     for log in skipped_runs:
         config = log["config"]
         notes.append(f"{config.get('device')}, {config.get('filters')} filters: "
-                     f"skipped ({log.get('skip_reason') or 'no reason given'})")
+                     f"skipped ({first_sentence(log.get('skip_reason') or 'no reason given')})")
     return written + write_table(args.output_dir, "table2_runtime", TABLE2_COLUMNS, rows, intro, notes)
 
 

@@ -527,6 +527,13 @@ def record_skipped(run, reason):
     return (run, "skipped", log, reason)
 
 
+def shorten_note(note, width=60):
+    """Return the first sentence of `note`, cut to `width` characters; the run's output above
+    and its log keep the whole message."""
+    first = note.split(". ")[0]
+    return first if len(first) <= width else first[:width - 3] + "..."
+
+
 def print_summary(results, columns):
     """Print a table of the sweep's runs; `columns` maps a header to a function of (run, log)."""
     headers = list(columns) + ["status", "best val", "final val", "test", "seconds", "note"]
@@ -541,7 +548,7 @@ def print_summary(results, columns):
             f"{accuracies[-1]:.4f}" if accuracies else "-",
             f"{log['test_accuracy']:.4f}" if log and log["test_accuracy"] is not None else "-",
             f"{log['total_seconds']:.1f}" if log and log.get("total_seconds") else "-",
-            note,
+            shorten_note(note),
         ]
         rows.append(values)
     widths = [max(len(row[i]) for row in rows + [headers]) for i in range(len(headers))]

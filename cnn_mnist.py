@@ -121,6 +121,16 @@ Model = collections.namedtuple(
 
 def build_model(filters, kernel_size, num_train, batch_size, steps_per_run, seed, device):
     """Build a fresh graph with both the placeholder and the in-graph training paths."""
+    # On a CPU, one step's ops are too small to keep even two cores busy. So every training
+    # step and every evaluation batch runs as two halves side by side, one per inter-op thread,
+    # as the thread defaults in build_parser arrange. On 2 cores that trains 1.5-1.6x faster at
+    # 8 and 16 filters, and 1.1x at 64, than whole batches with TensorFlow's own thread counts
+    # (benchmarks/RESULTS.md). A GPU spreads every op over all of its cores already, and
+    # smaller ops would only add kernel launches there.
+    # NOTE: two halves were measured on a 2-core CPU only; more cores may want more parts.
+    on_cpu = tf.DeviceSpec.from_string(device).device_type == "CPU"
+    batch_shards = 2 if on_cpu else 1
+
     graph = tf.Graph()
     with graph.as_default(), tf.device(device):
         tf.compat.v1.set_random_seed(seed)
@@ -132,9 +142,20 @@ def build_model(filters, kernel_size, num_train, batch_size, steps_per_run, seed
 
         logits = inference(images, filters, kernel_size)
         loss = cross_entropy(logits, labels)
-        predictions = tf.argmax(logits, axis=1, output_type=tf.int32)
-        num_correct = tf.reduce_sum(tf.cast(tf.equal(predictions, labels), tf.int32))
         train_op = optimizer.minimize(loss)
+
+        def predict(part):
+            return tf.argmax(inference(part, filters, kernel_size), axis=1, output_type=tf.int32)
+
+        # Evaluation predicts the two halves of a batch on their own, so that on a CPU they run
+        # side by side. oneDNN's convolution rejects an empty batch, so the second half starts
+        # one image early (a one-image batch would leave it empty) and drops that prediction.
+        if batch_shards == 1:
+            predictions = tf.argmax(logits, axis=1, output_type=tf.int32)    # [batch]
+        else:
+            half = (tf.shape(images)[0] + 1) // 2
+            predictions = tf.concat([predict(images[:half]), predict(images[half - 1:])[1:]], 0)
+        num_correct = tf.reduce_sum(tf.cast(tf.equal(predictions, labels), tf.int32))
 
         # The training set is copied into the graph once per run, so a step moves no image data
         # through Python. These variables are not trainable and are not checkpointed.
@@ -155,9 +176,11 @@ def build_model(filters, kernel_size, num_train, batch_size, steps_per_run, seed
         first_step = tf.compat.v1.placeholder(tf.int32, [], name="first_step")
         step_inputs = (train_images, train_labels, permutation, first_step, batch_size)
         train_steps = build_unrolled_steps(
-            *step_inputs, steps_per_run, optimizer, filters, kernel_size
+            *step_inputs, steps_per_run, optimizer, filters, kernel_size, batch_shards
         )
-        train_one_step = build_unrolled_steps(*step_inputs, 1, optimizer, filters, kernel_size)
+        train_one_step = build_unrolled_steps(
+            *step_inputs, 1, optimizer, filters, kernel_size, batch_shards
+        )
 
         init = tf.compat.v1.global_variables_initializer()
         saver = tf.compat.v1.train.Saver(tf.compat.v1.trainable_variables(), max_to_keep=2)
@@ -170,21 +193,35 @@ def build_model(filters, kernel_size, num_train, batch_size, steps_per_run, seed
 
 
 def build_unrolled_steps(train_images, train_labels, permutation, first_step, batch_size,
-                         steps, optimizer, filters, kernel_size):
+                         steps, optimizer, filters, kernel_size, batch_shards=1):
     """Chain `steps` SGD steps on consecutive batches, and return their losses [steps].
 
     Step k trains on the images at permutation[(first_step + k) * batch_size :][:batch_size].
     Each step reads the weights only after the previous step has updated them, so the result
     equals `steps` separate session.run calls.
+
+    With `batch_shards` > 1, each batch is split into that many parts of (nearly) equal size,
+    whose forward and backward passes have no data in common, so TensorFlow runs them at the
+    same time. The loss is still the mean over the whole batch, as the sum of the parts' means
+    weighted by their share of the batch, and its gradient is the whole batch's gradient. Only
+    the order of the float32 additions differs from an undivided batch.
     """
+    batch_shards = min(batch_shards, batch_size)
+    shard_sizes = [batch_size // batch_shards + (1 if i < batch_size % batch_shards else 0)
+                   for i in range(batch_shards)]
     losses = []
     previous_update = []
     for k in range(steps):
         with tf.control_dependencies(previous_update):
             offset = (first_step + k) * batch_size
             indices = tf.slice(permutation, [offset], [batch_size])
-            logits = inference(tf.gather(train_images, indices), filters, kernel_size)
-            loss = cross_entropy(logits, tf.gather(train_labels, indices))
+            weighted_losses = []
+            for shard_indices, shard_size in zip(tf.split(indices, shard_sizes), shard_sizes):
+                logits = inference(tf.gather(train_images, shard_indices), filters, kernel_size)
+                shard_loss = cross_entropy(logits, tf.gather(train_labels, shard_indices))
+                weight = shard_size / batch_size
+                weighted_losses.append(shard_loss * weight if batch_shards > 1 else shard_loss)
+            loss = tf.add_n(weighted_losses)
             previous_update = [optimizer.minimize(loss)]
         losses.append(loss)
     with tf.control_dependencies(previous_update):
@@ -650,13 +687,19 @@ def build_parser():
                         help="path of the JSON run log")
     parser.add_argument("--experiment", default="single",
                         help="label stored in the log, used by plot_results.py to group runs")
-    parser.add_argument("--eval-batch-size", type=bounded_int(1, 100_000), default=500,
+    parser.add_argument("--eval-batch-size", type=bounded_int(1, 100_000), default=250,
                         help="images per evaluation batch (bounds evaluation memory)")
     parser.add_argument("--steps-per-run", type=bounded_int(1, 1000), default=10,
                         help="SGD steps chained in one session.run call")
-    parser.add_argument("--intra-op-threads", type=bounded_int(0, 1024), default=0,
+    # Two ops at a time, each on half of the cores, because on a CPU build_model splits every
+    # batch in two independent halves. On 2 cores this trains 1.3x faster than TensorFlow's
+    # own thread counts (benchmarks/RESULTS.md).
+    # NOTE: GPU runs get the same thread counts, which were not measured on a GPU.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser.add_argument("--intra-op-threads", type=bounded_int(0, 1024),
+                        default=max(1, (cores or 2) // 2),
                         help="TensorFlow threads inside one op (0: TensorFlow decides)")
-    parser.add_argument("--inter-op-threads", type=bounded_int(0, 1024), default=0,
+    parser.add_argument("--inter-op-threads", type=bounded_int(0, 1024), default=2,
                         help="TensorFlow ops run at the same time (0: TensorFlow decides)")
     parser.add_argument("--target-accuracy", type=accuracy_fraction, default=0.99,
                         help="validation accuracy whose first training time is logged, "

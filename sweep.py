@@ -44,9 +44,10 @@ CHECKPOINTS_FOLDER = "checkpoints"
 MAX_EPOCHS = 1_000_000  # The same limit as cnn_mnist.py's --epochs.
 
 # Rough float32 training throughput of a 2-core CPU, in images per second per filter count, used
-# only for the time estimate printed before a sweep starts. Measured with benchmarks/ on a 2-core
-# Xeon; other machines differ, so the estimate says "about".
-CPU_IMAGES_PER_SECOND = {8: 25_000, 16: 20_000, 32: 9_000, 64: 3_000, 128: 1_000, 256: 350}
+# only for the time estimate printed before a sweep starts. The values at 8, 16 and 64 filters
+# were measured by benchmarks/benchmark_training.py on a 2-core Xeon. The others are estimates
+# scaled by the training FLOPs per image. Other machines differ, so the estimate says "about".
+CPU_IMAGES_PER_SECOND = {8: 50_000, 16: 34_000, 32: 12_000, 64: 4_700, 128: 1_300, 256: 350}
 GPU_IMAGES_PER_SECOND = 300_000  # NOTE: a guess for a current NVIDIA GPU, not measured here.
 # Seconds each run spends before its first step: importing TensorFlow, loading and checking
 # MNIST, building the graph. About 5 s for cnn_mnist.py on a 2-core CPU, an estimate as well.

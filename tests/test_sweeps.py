@@ -481,8 +481,9 @@ def test_runtime_sweep_cpu_logs_and_gpu_skipped(mnist_dir, tmp_path):
         assert timing["warmup_epoch_seconds"] == seconds[0]
         assert timing["steady_epoch_seconds_median"] == seconds[1]
         assert timing["images_per_second"] == pytest.approx(2000 / seconds[1])
-        assert timing["intra_op_threads"] == 0
-        assert timing["inter_op_threads"] == 0
+        # The defaults: half the cores inside an op, two ops at a time.
+        assert timing["intra_op_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+        assert timing["inter_op_threads"] == 2
         assert log["train_seconds"] == pytest.approx(sum(seconds))
         assert log["total_seconds"] > log["train_seconds"]
         # The training seconds until validation accuracy first reached the target.

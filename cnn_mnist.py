@@ -297,7 +297,13 @@ def summarize_timing(epochs, batch_size, num_train, target_accuracy):
     seconds = [entry["seconds"] for entry in epochs if entry["seconds"] is not None]
     steady = seconds[1:]
     images_per_epoch = (num_train // batch_size) * batch_size
-    reference = statistics.median(steady) if steady else (seconds[0] if seconds else None)
+    # Images per second come from the steady state, or from epoch 1 in a one-epoch run.
+    if steady:
+        reference = statistics.median(steady)
+    elif seconds:
+        reference = seconds[0]
+    else:
+        reference = None
     elapsed = 0.0
     seconds_to_target = None
     for entry in epochs:
@@ -480,7 +486,7 @@ def remove_checkpoints(checkpoint_dir):
     try:
         os.rmdir(checkpoint_dir)
     except OSError:
-        pass  # Not empty: it holds files of someone else.
+        pass  # Not empty: it contains files this module did not write.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +494,7 @@ def remove_checkpoints(checkpoint_dir):
 # ---------------------------------------------------------------------------------------------
 
 def run(config, data=None, output=None, verbose=True):
-    """Train and evaluate one network as `config` says and return its run log.
+    """Train and evaluate one network with the settings in `config`, and return its run log.
 
     `config` is the dictionary of command-line settings (see build_parser). `data` is an
     mnist_data.MnistSplits; by default it is loaded from config["data_dir"]. With `output`,

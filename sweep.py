@@ -6,9 +6,9 @@ run. The next invocation skips a run whose log is final (completed or diverged) 
 run's settings. It redoes any other run, resuming from its last checkpoint. With --force a sweep
 redoes every run whose log was written before the sweep started.
 
-Two sweeps on one results folder share the work through claims: a process holds an exclusive
-`flock` on `<results>/.claims/<run>.lock` while the run trains, and the kernel drops the lock
-when the process ends, however it ends, so a dead process never blocks a later sweep. The child
+Two sweeps on one results folder share the work through claims. A process holds an exclusive
+`flock` on `<results>/.claims/<run>.lock` while the run trains. The kernel drops the lock when
+the process ends, however it ends, so a dead process never blocks a later sweep. The child
 process inherits the lock, so a run whose sweep was killed stays claimed until its child exits.
 """
 
@@ -46,7 +46,7 @@ MAX_EPOCHS = 1_000_000  # The same limit as cnn_mnist.py's --epochs.
 # Rough float32 training throughput of a 2-core CPU, in images per second per filter count, used
 # only for the time estimate printed before a sweep starts. The values at 8, 16 and 64 filters
 # were measured by benchmarks/benchmark_training.py on a 2-core Xeon. The others are estimates
-# scaled by the training FLOPs per image. Other machines differ, so the estimate says "about".
+# scaled by the training FLOPs per image. Other machines differ, so the printed estimate is marked "about".
 CPU_IMAGES_PER_SECOND = {8: 50_000, 16: 34_000, 32: 12_000, 64: 4_700, 128: 1_300, 256: 350}
 GPU_IMAGES_PER_SECOND = 300_000  # NOTE: a guess for a current NVIDIA GPU, not measured here.
 # Seconds each run spends before its first step: importing TensorFlow, loading and checking
@@ -70,7 +70,7 @@ class Run:
     """One training run of a sweep: its name, its cnn_mnist flags and where its files go."""
 
     def __init__(self, name, flags, results_dir, config, env=None):
-        """`config` holds the run's settings as cnn_mnist.py's log stores them."""
+        """`config` contains the run's settings as cnn_mnist.py's log stores them."""
         self.name = name
         self.flags = list(flags)
         self.config = dict(config)
@@ -79,7 +79,7 @@ class Run:
         self.filters = config["filters"]
         self.env = dict(env or {})
         if self.device == "cpu":
-            # A CPU run must not touch a GPU, so its process sees none.
+            # A CPU run must not touch a GPU, so every GPU is hidden from its process.
             self.env.setdefault("CUDA_VISIBLE_DEVICES", "-1")
         self.log_path = os.path.join(results_dir, name + ".json")
         self.checkpoint_dir = os.path.join(results_dir, CHECKPOINTS_FOLDER, name)

@@ -776,7 +776,11 @@ def add_ratios(rows):
 # ---------------------------------------------------------------------------------------------
 
 def cpu_model():
-    """Return the CPU model name from /proc/cpuinfo, or platform.processor()."""
+    """Return the CPU model name from /proc/cpuinfo, or platform.processor().
+
+    The same as cnn_mnist.cpu_model, repeated because importing cnn_mnist loads TensorFlow,
+    which this parent process keeps out so that it does not skew the timed workers.
+    """
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
